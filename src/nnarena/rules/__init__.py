@@ -1,0 +1,21 @@
+"""Learning rules by registry name: ``create_rule("backprop")``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nnarena.registry import REGISTRY
+from nnarena.rules import backprop as backprop
+from nnarena.rules.base import LearningRule as LearningRule
+from nnarena.rules.base import RuleCapabilities as RuleCapabilities
+
+__all__ = ["LearningRule", "RuleCapabilities", "create_rule"]
+
+
+def create_rule(name: str, **kwargs: Any) -> LearningRule:
+    """Instantiate rule ``name``; bad keywords fail first, listing the accepted ones."""
+    entry = REGISTRY.get("rule", name)
+    entry.check_kwargs(kwargs)
+    rule = entry.factory(**entry.coerce_kwargs(kwargs))
+    rule.registry_name = name
+    return rule
