@@ -107,9 +107,10 @@ def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         y = np.asarray(labels, dtype=np.int64).reshape(-1)
     except (TypeError, ValueError):
         raise DataError(f"{path}: 'labels' is not a list of ints; expected {_FORMAT}") from None
-    if len(y) != len(data) or (len(y) and (y.min() < 0 or y.max() > 9)):
-        raise DataError(f"{path}: {len(data)} images but {len(y)} labels (or a label outside "
-                        f"0-9); expected {_FORMAT}")
+    if len(y) != len(data):
+        raise DataError(f"{path}: {len(data)} images but {len(y)} labels; expected {_FORMAT}")
+    if len(y) and (y.min() < 0 or y.max() > 9):
+        raise DataError(f"{path}: labels outside 0-9; expected {_FORMAT}")
     return data, y
 
 
