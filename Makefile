@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/nnarena train
+	$(BIN)/nnarena bench run quick --workers 2
 
+# The scale-out and browser tests need PostgreSQL and Chromium: installed and started here.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest
+	NNARENA_TEST_POSTGRES="$$(bash scripts/test-services.sh)" $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

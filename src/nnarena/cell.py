@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import inspect
 import platform
+import typing
 from collections.abc import Sequence
+from inspect import Parameter
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from nnarena import data as data_lib
 from nnarena.checkpoint import save_weights, write_json
 from nnarena.errors import ConfigError, IncompatibleError
 from nnarena.models import build
-from nnarena.registry import REGISTRY, closest
+from nnarena.registry import REGISTRY, closest, coerce
 from nnarena.rules import LearningRule, create_rule
 from nnarena.train import Callback, FitResult, JsonlLogger, Trainer
 
@@ -28,6 +30,8 @@ __all__ = ["Cell", "run_cell"]
 # Trainer keywords a cell may set; the rest (rule, callbacks, seed) come from the cell itself.
 TRAINER_KEYS = tuple(p for p in inspect.signature(Trainer).parameters
                      if p not in ("rule", "callbacks", "seed"))
+_TRAINER_HINTS = typing.get_type_hints(Trainer.__init__)
+_PREFIXES = {"data": "dataset_kwargs", "model": "model_kwargs", "rule": "rule_kwargs"}
 
 
 class Cell(BaseModel):
@@ -41,6 +45,8 @@ class Cell(BaseModel):
     model_kwargs: dict[str, Any] = {}
     rule: str = "backprop"
     rule_kwargs: dict[str, Any] = {}
+    sparsity: str = "none"
+    sparsity_kwargs: dict[str, Any] = {}
     trainer: dict[str, Any] = {}
     seed: int = 0
 
@@ -66,12 +72,66 @@ class Cell(BaseModel):
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
                 raise ConfigError(f"trainer has no setting '{key}'{hint}; "
                                   f"accepted: {', '.join(TRAINER_KEYS)}")
+        if self.sparsity != "none":
+            valid = ["none", *(REGISTRY.names("sparsity") if "sparsity" in REGISTRY.families()
+                               else [])]
+            if self.sparsity not in valid:
+                raise ConfigError(f"unknown sparsity '{self.sparsity}'; valid: {', '.join(valid)}")
         rule = create_rule(self.rule, **self.rule_kwargs)
+        if rule.capabilities.needs_blocks and not model_entry.capabilities.get("blocks", True):
+            raise IncompatibleError(f"rule '{self.rule}' needs a model made of blocks, and model "
+                                    f"'{self.model}' is not; use one of nnarena's builders")
         if model_entry.capabilities.get("conv") and not rule.capabilities.supports_conv:
             raise IncompatibleError(f"rule '{self.rule}' does not support conv layers, and model "
                                     f"'{self.model}' has them; use an mlp model")
         trainer = Trainer(rule, seed=self.seed, **self.trainer)
         return rule, trainer
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Cell:
+        """A copy with ``key=value`` settings applied; string values are coerced to the types.
+
+        Bare keys are trainer settings (``lr``, ``batch_size`` ...); ``data.KEY``, ``model.KEY``,
+        ``layer.KEY`` and ``rule.KEY`` go to the dataset, model builder, layers and rule.
+
+        Raises:
+            ConfigError: an unknown prefix or trainer key, or a value of the wrong type.
+        """
+        fields = {f: dict(getattr(self, f)) for f in _PREFIXES.values()}
+        trainer = dict(self.trainer)
+        layer_kwargs: dict[str, Any] = {}
+        for key, value in overrides.items():
+            prefix, dot, name = key.partition(".")
+            if dot and prefix == "layer":
+                layer_kwargs[name] = value
+            elif dot and prefix in _PREFIXES:
+                fields[_PREFIXES[prefix]][name] = value
+            elif dot:
+                raise ConfigError(f"setting '{key}': unknown prefix '{prefix}'; use data., "
+                                  "model., layer., rule. or a bare trainer key")
+            elif key in TRAINER_KEYS:
+                trainer[key] = coerce(value, _TRAINER_HINTS.get(key, Parameter.empty),
+                                      where=f"trainer {key}")
+            else:
+                near = closest(key, TRAINER_KEYS)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f"unknown trainer setting '{key}'{hint}; trainer keys: "
+                                  f"{', '.join(TRAINER_KEYS)}; "
+                                  "or prefix with data./model./layer./rule.")
+        model_entry = REGISTRY.get("model", self.model)
+        model_kwargs = model_entry.coerce_kwargs(fields["model_kwargs"])
+        if layer_kwargs:
+            layer = model_kwargs.get("layer", getattr(model_entry.param("layer"), "default",
+                                                      "linear"))
+            model_kwargs["layer_kwargs"] = {**model_kwargs.get("layer_kwargs", {}),
+                                            **REGISTRY.get("layer", layer).coerce_kwargs(
+                                                layer_kwargs)}
+        return self.model_copy(update={
+            "trainer": trainer,
+            "model_kwargs": model_kwargs,
+            "rule_kwargs": REGISTRY.get("rule", self.rule).coerce_kwargs(fields["rule_kwargs"]),
+            "dataset_kwargs": REGISTRY.get("dataset", self.dataset.partition(":")[0])
+            .coerce_kwargs(fields["dataset_kwargs"]),
+        })
 
 
 def run_cell(

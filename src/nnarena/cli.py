@@ -12,17 +12,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nnarena.cell import TRAINER_KEYS, Cell, run_cell
+from nnarena.bench.cli import app as bench_app
+from nnarena.cell import Cell, run_cell
 from nnarena.errors import ConfigError, NNArenaError
-from nnarena.registry import REGISTRY, closest
+from nnarena.registry import REGISTRY
 from nnarena.train import default_progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Neural-network methods from recent papers, side by side.")
 _out = Console()
 _err = Console(stderr=True)
-
-_PREFIXES = {"data": "dataset_kwargs", "model": "model_kwargs", "rule": "rule_kwargs"}
+app.add_typer(bench_app, name="bench")
 
 
 @app.command("list")
@@ -89,63 +89,16 @@ def train(
 
 def _cell_from_args(dataset: str, model: str, rule: str, epochs: float | None,
                     samples: int | None, seed: int, overrides: list[str]) -> Cell:
-    fields: dict[str, dict[str, Any]] = {v: {} for v in _PREFIXES.values()}
-    trainer: dict[str, Any] = {}
-    layer_kwargs: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"setting '{item}' is not key=value (e.g. lr=0.01, model.width=128)")
-        prefix, dot, name = key.partition(".")
-        if dot and prefix == "layer":
-            layer_kwargs[name] = value
-        elif dot and prefix in _PREFIXES:
-            fields[_PREFIXES[prefix]][name] = value
-        elif dot:
-            raise ConfigError(f"setting '{key}': unknown prefix '{prefix}'; use data., model., "
-                              "layer., rule. or a bare trainer key")
-        elif key in TRAINER_KEYS:
-            trainer[key] = value
-        else:
-            near = closest(key, TRAINER_KEYS)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(f"unknown trainer setting '{key}'{hint}; trainer keys: "
-                              f"{', '.join(TRAINER_KEYS)}; "
-                              "or prefix with data./model./layer./rule.")
-    if epochs is not None:
-        trainer["epochs"] = epochs
-    if samples is not None:
-        trainer["samples"] = samples
-    fields["model_kwargs"] = _coerce("model", model, fields["model_kwargs"])
-    if layer_kwargs:
-        layer = fields["model_kwargs"].get("layer") or _default(model, "layer") or "linear"
-        fields["model_kwargs"]["layer_kwargs"] = _coerce("layer", layer, layer_kwargs)
-    fields["rule_kwargs"] = _coerce("rule", rule, fields["rule_kwargs"])
-    fields["dataset_kwargs"] = _coerce("dataset", dataset.partition(":")[0],
-                                       fields["dataset_kwargs"])
-    return Cell(dataset=dataset, model=model, rule=rule, seed=seed,
-                trainer=_coerce_trainer(trainer), **fields)
-
-
-def _coerce(family: str, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    return REGISTRY.get(family, name).coerce_kwargs(kwargs)
-
-
-def _default(model: str, key: str) -> Any:
-    param = REGISTRY.get("model", model).param(key)
-    return None if param is None or param.required else param.default
-
-
-def _coerce_trainer(kwargs: dict[str, Any]) -> dict[str, Any]:
-    import inspect
-    import typing
-
-    from nnarena.registry import coerce
-    from nnarena.train import Trainer
-
-    hints = typing.get_type_hints(Trainer.__init__)
-    return {k: coerce(v, hints.get(k, inspect.Parameter.empty), where=f"trainer {k}")
-            for k, v in kwargs.items()}
+        settings[key] = value
+    budget = {k: v for k, v in (("epochs", epochs), ("samples", samples)) if v is not None}
+    cell = Cell(dataset=dataset, model=model, rule=rule, seed=seed)
+    cell = cell.with_overrides(settings)
+    return cell.model_copy(update={"trainer": {**cell.trainer, **budget}})
 
 
 def _print_result(cell: Cell, status: str, reason: str, metrics: dict[str, Any],
