@@ -124,3 +124,31 @@ def test_search_tunes_each_group_then_runs_every_seed(write_suite, tmp_path) -> 
     for row in rows:
         assert row["params"] == best.params
         assert row["status"] == "ok"
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(write_suite, tmp_path) -> None:
+    path = write_suite(datasets=["digits"], seeds=[0, 1, 2], budget={"seconds": 1.0})
+    suite = load_suite(path)
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "nnarena", "bench", "run", str(path), "--runs-dir", str(runs)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    storage = f"sqlite:///{(runs / suite.name / 'arena.db').resolve()}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        try:
+            if finished_trials(_study(suite, storage)):
+                break
+        except Exception:
+            continue
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "interrupted: finished cells are saved" in err.decode()
+    assert "Traceback" not in err.decode()
+    done = {t.user_attrs["key"] for t in finished_trials(_study(suite, storage))}
+    assert 1 <= len(done) < len(plan(suite))
+    rows = run_suite(suite, storage=storage, runs_dir=runs)
+    assert len(rows) == len(plan(suite))
+    _assert_each_cell_finished_once(suite, storage)

@@ -44,6 +44,7 @@ def run_suite(
     *,
     storage: str | None = None,
     workers: int = 1,
+    threads: int | None = None,
     runs_dir: str | Path = "runs",
     retry_failed: bool = False,
     heartbeat: int = 10,
@@ -55,7 +56,8 @@ def run_suite(
     Args:
         suite: a validated suite.
         storage: an Optuna RDB URL (default: SQLite under ``runs_dir/<suite>/``).
-        workers: local worker processes; each gets ``cpu_count // workers`` threads.
+        workers: local worker processes.
+        threads: torch threads per worker (default: this machine's cores // ``workers``).
         runs_dir: where the default SQLite storage and worker logs live.
         retry_failed: run cells recorded as failed again.
         heartbeat: seconds between worker heartbeats; a cell is retried 3 beats after its worker
@@ -74,7 +76,7 @@ def run_suite(
         enqueue(study, plan(suite), retry_failed=retry_failed)
     log_dir = Path(runs_dir) / suite.name
     log_dir.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or max(1, len(os.sched_getaffinity(0)) // workers)
     procs = [_spawn_worker(suite.name, url, threads, heartbeat, log_dir / f"worker-{i}.log")
              for i in range(workers)]
     studies = _studies(study, url, heartbeat)

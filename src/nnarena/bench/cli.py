@@ -59,6 +59,8 @@ def run(
     suite: SuiteArg,
     storage: StorageOpt = None,
     workers: Annotated[int, typer.Option(min=1, help="Local worker processes.")] = 1,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="Torch threads per worker (default: cores // workers).")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Run cells recorded as failed again.")
                             ] = False,
     runs_dir: RunsOpt = Path("runs"),
@@ -74,7 +76,8 @@ def run(
     spec = _load(suite)
     try:
         with progress_printer(spec.name) as show_progress:
-            rows = run_suite(spec, storage=storage, workers=workers, runs_dir=runs_dir,
+            rows = run_suite(spec, storage=storage, workers=workers, threads=threads,
+                             runs_dir=runs_dir,
                              retry_failed=retry_failed, heartbeat=heartbeat,
                              on_progress=show_progress)
     except KeyboardInterrupt:

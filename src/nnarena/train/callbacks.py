@@ -69,6 +69,7 @@ class ProgressBar(Callback):
         self._progress: Any = None
 
     def on_fit_start(self, trainer: Trainer, model: nn.Module) -> None:
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -76,9 +77,11 @@ class ProgressBar(Callback):
             TextColumn,
             TimeRemainingColumn,
         )
+
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                   MofNCompleteColumn(), TimeRemainingColumn(),
-                                  TextColumn("{task.fields[status]}"), transient=True)
+                                  TextColumn("{task.fields[status]}"), transient=True,
+                                  console=Console(stderr=True))
         self._progress.start()
         self._task = self._progress.add_task(self.description, total=trainer.total_steps,
                                              status="")
