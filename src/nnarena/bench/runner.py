@@ -42,6 +42,7 @@ __all__ = [
 
 HEARTBEAT_SECONDS = 10
 MAX_RETRIES = 3
+_CONNECT_ATTEMPTS = 5
 _SEARCH = "::search::"
 
 
@@ -62,19 +63,28 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS) -> RDBStorage:
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                 grace_period=3 * heartbeat,
-                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                     MAX_RETRIES))
-        except ImportError as err:
-            raise ConfigError(f"storage {url.split(':')[0]} needs a driver ({err}); for "
-                              "PostgreSQL: pip install 'nnarena[postgres]'") from None
-        except Exception as err:
-            raise ConfigError(f"cannot open storage '{_redact(url)}': "
-                              f"{str(err).splitlines()[0]}") from None
+    for attempt in range(_CONNECT_ATTEMPTS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                storage = RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                    grace_period=3 * heartbeat,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRIES))
+                break
+            except ImportError as err:
+                raise ConfigError(f"storage {url.split(':')[0]} needs a driver ({err}); for "
+                                  "PostgreSQL: pip install 'nnarena[postgres]'") from None
+            except sqlalchemy.exc.SQLAlchemyError as err:
+                # Workers starting together on a fresh database race to create Optuna's tables;
+                # the loser sees "already exists" and succeeds on the next attempt.
+                if attempt + 1 == _CONNECT_ATTEMPTS:
+                    raise ConfigError(f"cannot open storage '{_redact(url)}': "
+                                      f"{str(err).splitlines()[0]}") from None
+                time.sleep(0.5 * (attempt + 1))
+            except Exception as err:
+                raise ConfigError(f"cannot open storage '{_redact(url)}': "
+                                  f"{str(err).splitlines()[0]}") from None
     if url.startswith("sqlite"):
         _serialize_sqlite_writes(storage.engine)
     return storage

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnarena.errors import ConfigError
-from nnarena.layers import create_act, create_layer, is_nonlinear
+from nnarena.layers import create_act, create_attention, create_layer, is_nonlinear
 from nnarena.models._blocks import Blocks
 from nnarena.registry import register
 
@@ -43,6 +43,7 @@ class Tokenizer(nn.Module):
                 raise ConfigError(f"transformer patch={patch} is larger than the input "
                                   f"{input_shape}; choose a smaller patch")
             self.embed = nn.Linear(patch_dim, d_model)
+        self.n_tokens = n_tokens
         self.position = nn.Parameter(torch.zeros(1, n_tokens, d_model))
         nn.init.normal_(self.position, std=0.02)
 
@@ -63,16 +64,11 @@ class Tokenizer(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
 
-    def __init__(self, d_model: int, n_heads: int, hidden: int, layer: str, act: str,
-                 dropout: float, layer_kwargs: dict[str, Any]) -> None:
+    def __init__(self, d_model: int, hidden: int, layer: str, act: str, attn: nn.Module,
+                 layer_kwargs: dict[str, Any]) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ConfigError(f"transformer d_model={d_model} must be divisible by "
-                              f"n_heads={n_heads}")
-        self.n_heads, self.dropout = n_heads, dropout
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.attn = attn
         self.ffn = nn.Sequential(
             create_layer(layer, d_model, hidden, **layer_kwargs),
             create_act("identity" if is_nonlinear(layer) else act),
@@ -80,11 +76,7 @@ class EncoderBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        drop = self.dropout if self.training else 0.0
-        attn = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))
+        x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
 
 
@@ -112,6 +104,8 @@ def transformer(
     act: str = "gelu",
     dropout: float = 0.0,
     layer_kwargs: dict[str, Any] | None = None,
+    attention: str = "softmax",
+    attention_kwargs: dict[str, Any] | None = None,
 ) -> Blocks:
     """Tokenizer block, ``depth`` encoder blocks, mean-pooled dense head.
 
@@ -128,10 +122,15 @@ def transformer(
         act: feed-forward activation (none for layers with their own nonlinearity).
         dropout: attention dropout.
         layer_kwargs: keyword arguments for every layer.
+        attention: attention registry name (``softmax``, ``karat`` ...).
+        attention_kwargs: keyword arguments for every attention block (e.g. KArAt's ``basis``).
     """
     kw = layer_kwargs or {}
     hidden = int(d_model * mlp_ratio)
-    blocks = [Tokenizer(input_shape, d_model, patch, vocab_size)]
-    blocks += [EncoderBlock(d_model, n_heads, hidden, layer, act, dropout, kw)
-               for _ in range(depth)]
+    tokenizer = Tokenizer(input_shape, d_model, patch, vocab_size)
+    blocks: list[nn.Module] = [tokenizer]
+    for _ in range(depth):
+        attn = create_attention(attention, d_model, n_heads, tokenizer.n_tokens, dropout=dropout,
+                                **(attention_kwargs or {}))
+        blocks.append(EncoderBlock(d_model, hidden, layer, act, attn, kw))
     return Blocks(blocks, _PoolHead(d_model, n_outputs, layer, kw))

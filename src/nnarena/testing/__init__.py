@@ -1,0 +1,1 @@
+"""Plain reference implementations that tests and benchmarks check the fast layers against."""
