@@ -5,8 +5,11 @@ import torch
 from torch import nn
 
 from nnarena.bench.spec import SuiteError, builtin_suites, load_suite, plan
+from nnarena.data import load
+from nnarena.models import build
 from nnarena.registry import REGISTRY
 from nnarena.rules import LearningRule, RuleCapabilities
+from nnarena.train.metrics import count_params
 
 
 def test_builtin_quick_suite_is_valid_and_listed() -> None:
@@ -15,6 +18,21 @@ def test_builtin_quick_suite_is_valid_and_listed() -> None:
     cells = plan(suite)
     assert len(cells) == len(suite.datasets) * len(suite.models) * len(suite.seeds)
     assert sum(c.labels["baseline"] == "1" for c in cells) == len(suite.datasets) * 2
+
+
+@pytest.mark.parametrize("name", sorted(builtin_suites()))
+def test_every_builtin_suite_plans(name: str) -> None:
+    assert plan(load_suite(name))
+
+
+def test_kan_suite_matches_the_mlp_parameter_count() -> None:
+    suite = load_suite("kan")
+    for dataset in suite.datasets:
+        bundle = load(dataset.name, **dataset.kwargs)
+        counts = {m.display: count_params(build(m.name, bundle, **m.kwargs))["params_total"]
+                  for m in suite.models}
+        mlp = counts.pop("mlp")
+        assert all(0.9 <= n / mlp <= 1.1 for n in counts.values()), (dataset.name, mlp, counts)
 
 
 def test_grid_exclude_and_explicit_cells(write_suite) -> None:
