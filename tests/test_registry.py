@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from typing import Any, Literal
 
 import pytest
 
@@ -48,7 +49,9 @@ def test_params_are_read_from_the_signature_with_types_and_defaults() -> None:
 @pytest.mark.parametrize(("value", "annotation", "expected"), [
     ("3", int, 3), ("0.5", float, 0.5), ("true", bool, True), ("off", bool, False),
     ("none", int | None, None), ("7", int | None, 7), ("(32, 64)", tuple[int, ...], (32, 64)),
-    ("relu", str | None, "relu"),
+    ("relu", str | None, "relu"), ('{"basis": "rbf", "rank": 4}', dict[str, Any] | None,
+                                   {"basis": "rbf", "rank": 4}),
+    ("one-pass", Literal["two-pass", "one-pass"], "one-pass"),
 ])
 def test_command_line_strings_are_coerced_to_declared_types(value, annotation, expected) -> None:
     assert coerce(value, annotation, where="x") == expected
@@ -57,6 +60,10 @@ def test_command_line_strings_are_coerced_to_declared_types(value, annotation, e
 def test_uncoercible_value_names_the_setting() -> None:
     with pytest.raises(ConfigError, match="model 'mlp' width: cannot read 'wide' as int"):
         REGISTRY.get("model", "mlp").coerce_kwargs({"width": "wide"})
+    with pytest.raises(ConfigError, match="cannot read 'x' as one of 'a', 'b'"):
+        coerce("x", Literal["a", "b"], where="w")
+    with pytest.raises(ConfigError, match=r"cannot read '\[1\]' as dict"):
+        coerce("[1]", dict[str, Any], where="w")
 
 
 def test_every_entry_is_complete_and_json_serialisable() -> None:

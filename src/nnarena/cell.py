@@ -84,6 +84,12 @@ class Cell(BaseModel):
         if model_entry.capabilities.get("conv") and not rule.capabilities.supports_conv:
             raise IncompatibleError(f"rule '{self.rule}' does not support conv layers, and model "
                                     f"'{self.model}' has them; use an mlp model")
+        if model_entry.capabilities.get("black_box") and not rule.capabilities.supports_black_box:
+            capable = [e.name for e in REGISTRY.list("rule")
+                       if e.capabilities.get("supports_black_box")]
+            raise IncompatibleError(f"rule '{self.rule}' cannot train model '{self.model}', whose "
+                                    "black-box (physical) layers give no gradient; black-box "
+                                    f"capable rules: {', '.join(capable)}")
         trainer = Trainer(rule, seed=self.seed, **self.trainer)
         return rule, trainer
 

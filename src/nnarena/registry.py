@@ -18,6 +18,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import json
 import re
 import typing
 import warnings
@@ -306,12 +307,19 @@ def _coerce_one(value: str, annotation: Any) -> Any:
         if value in typing.get_args(annotation):
             return value
         raise ValueError(value)
+    if dict in (annotation, origin):
+        parsed = json.loads(value)  # a JSONDecodeError is a ValueError
+        if not isinstance(parsed, dict):
+            raise ValueError(value)
+        return parsed
     if annotation is Any:
         return value
     raise TypeError(annotation)
 
 
 def _type_repr(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 

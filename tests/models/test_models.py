@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nnarena.errors import IncompatibleError
+from nnarena.layers.black_box import BlackBoxGradientError
 from nnarena.models import Blocks, create_model
 from nnarena.registry import REGISTRY
 
@@ -24,6 +25,10 @@ def test_every_model_runs_forward_and_backward(name: str) -> None:
         x = torch.randn(4, *shape)
         out = model(x)
         assert out.shape == (4, 5)
+        if REGISTRY.get("model", name).capabilities.get("black_box"):
+            with pytest.raises(BlackBoxGradientError, match="no gradient through a BlackBox"):
+                out.square().mean().backward()
+            continue
         out.square().mean().backward()
         for pname, p in model.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name} {shape} {pname}"

@@ -36,6 +36,17 @@ def test_meter_releases_bytes_after_backward_and_skips_parameters() -> None:
     assert meter.live == 0
 
 
+def test_meter_skips_the_batch_it_is_given() -> None:
+    x, w = torch.randn(4, 8), torch.randn(8, 8, requires_grad=True)
+    meter = SavedActivationMeter()
+    with meter.track(x):
+        (x @ w).tanh().sum().backward()
+    assert meter.peak == 4 * 8 * 4  # tanh's output only: x exists whether or not a graph does
+    with meter.track():
+        (x @ w).tanh().sum().backward()
+    assert meter.peak == 4 * 8 * 4 * 2
+
+
 def test_mlp_flops_equal_the_analytic_count() -> None:
     model = create_model("mlp", (1, 8, 8), 10, hidden=(32, 16))
     expected = 2 * (64 * 32 + 32 * 16 + 16 * 10)

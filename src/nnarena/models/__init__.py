@@ -11,7 +11,9 @@ from typing import Any
 from nnarena.data import DataBundle
 from nnarena.models import cnn as cnn
 from nnarena.models import mlp as mlp
+from nnarena.models import physical as physical
 from nnarena.models import resnet as resnet
+from nnarena.models import rnn as rnn
 from nnarena.models import transformer as transformer
 from nnarena.models._blocks import Blocks as Blocks
 from nnarena.registry import REGISTRY

@@ -6,6 +6,11 @@ from typing import Any
 
 from nnarena.registry import REGISTRY
 from nnarena.rules import backprop as backprop
+from nnarena.rules import dfa as dfa
+from nnarena.rules import feedback_alignment as feedback_alignment
+from nnarena.rules import forward_forward as forward_forward
+from nnarena.rules import local as local
+from nnarena.rules import target_projection as target_projection
 from nnarena.rules.base import LearningRule as LearningRule
 from nnarena.rules.base import RuleCapabilities as RuleCapabilities
 

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnarena.errors import IncompatibleError
+from nnarena.layers import BlackBox
 from nnarena.models import Blocks
+from nnarena.registry import REGISTRY
 
 if TYPE_CHECKING:
     from nnarena.data import DataBundle
@@ -88,6 +90,13 @@ class LearningRule(ABC):
         if has_conv and not self.capabilities.supports_conv:
             raise IncompatibleError(f"rule '{self.name}' does not support conv layers; "
                                     "use an mlp model")
+        has_black_box = any(isinstance(m, BlackBox) for m in model.modules())
+        if has_black_box and not self.capabilities.supports_black_box:
+            capable = [e.name for e in REGISTRY.list("rule")
+                       if e.capabilities.get("supports_black_box")]
+            raise IncompatibleError(f"rule '{self.name}' cannot train a model with black-box "
+                                    "(physical) layers, which give no gradient; black-box "
+                                    f"capable rules: {', '.join(capable)}")
 
     def prepare(self, model: nn.Module, example_batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Build rule-owned state (feedback matrices, auxiliary heads) for ``model``."""

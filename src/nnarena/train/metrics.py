@@ -105,26 +105,32 @@ class SavedActivationMeter:
 
     Saved tensors are tracked from the moment autograd packs them until it releases them (after
     backward, or when the graph is dropped), so a rule that frees activations block by block shows
-    a lower peak than one that keeps the whole graph. Parameters (and views of them) are not
-    counted: they exist whether or not a graph does.
+    a lower peak than one that keeps the whole graph. Parameters, the batch passed to `track`
+    (and views of them) are not counted: they exist whether or not a graph does.
     """
 
-    def __init__(self, model: nn.Module | None = None, extra: list[nn.Parameter] | None = None
+    def __init__(self, model: nn.Module | None = None, extra: list[torch.Tensor] | None = None
                  ) -> None:
         params = list(model.parameters()) if model is not None else []
-        self._param_storages = {_storage_ptr(p) for p in params + list(extra or [])}
+        self._uncounted = {_storage_ptr(p) for p in params + list(extra or [])}
         self._refs: dict[int, int] = {}  # storage pointer -> saved tensors sharing it
         self.live = 0
         self.peak = 0
 
     @contextmanager
-    def track(self) -> Iterator[SavedActivationMeter]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            yield self
+    def track(self, *batch: torch.Tensor) -> Iterator[SavedActivationMeter]:
+        """Count what autograd saves inside the block, except the given ``batch`` tensors."""
+        ignored = {_storage_ptr(t) for t in batch} - self._uncounted
+        self._uncounted |= ignored
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield self
+        finally:
+            self._uncounted -= ignored
 
     def _pack(self, tensor: torch.Tensor) -> object:
         ptr = _storage_ptr(tensor)
-        if ptr in self._param_storages:
+        if ptr in self._uncounted:
             return tensor
         holder = _Saved(tensor)
         if ptr not in self._refs:  # one storage saved by several ops counts once

@@ -144,7 +144,8 @@ class Trainer:
         self.total_steps = budget_steps or _NOMINAL_STEPS
         multiplier = create_schedule(self.schedule, self.total_steps, self.warmup_steps)
         _scale_lr(optimizer, base_lrs, multiplier(0))
-        meter = M.SavedActivationMeter(model, params)
+        # Rule state (feedback matrices, EMA copies) exists whether or not a graph does.
+        meter = M.SavedActivationMeter(model, [*rule.owned.parameters(), *rule.owned.buffers()])
         generator = torch.Generator().manual_seed(self.seed)
 
         self.step = self.epoch = 0
@@ -168,7 +169,7 @@ class Trainer:
                 self._dispatch("on_step_start", model)
                 optimizer.zero_grad(set_to_none=True)
                 if self.step == 0 and self.measure:
-                    with meter.track():
+                    with meter.track(x, y):
                         logs = rule.step(model, x, y)
                 else:
                     logs = rule.step(model, x, y)
