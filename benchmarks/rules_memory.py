@@ -8,7 +8,7 @@ its ratio to backprop's. Every registered gradient rule is measured with its def
 cannot train a plain MLP (e.g. it needs a black-box model) is reported with the reason. The JSON
 is printed and written to ``benchmarks/results/rules_memory.json``.
 
-    python benchmarks/rules_memory.py [--repeats 3] [--threads 2]
+    python benchmarks/rules_memory.py [--repeats 3] [--threads 2] [--rules dfa,local]
 """
 
 from __future__ import annotations
@@ -79,9 +79,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rules", help="comma-separated rule names (default: every gradient "
+                        "rule); backprop is always measured, as the reference")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rules = [e.name for e in REGISTRY.list("rule") if not _closed_form(e.name)]
+    if args.rules:
+        chosen = {"backprop", *args.rules.split(",")}
+        unknown = chosen - set(rules)
+        if unknown:
+            parser.error(f"unknown or closed-form rules {sorted(unknown)}; valid: {rules}")
+        rules = [r for r in rules if r in chosen]
     memory: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for name in rules:
