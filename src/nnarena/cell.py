@@ -81,6 +81,12 @@ class Cell(BaseModel):
         if rule.capabilities.needs_blocks and not model_entry.capabilities.get("blocks", True):
             raise IncompatibleError(f"rule '{self.rule}' needs a model made of blocks, and model "
                                     f"'{self.model}' is not; use one of nnarena's builders")
+        models = REGISTRY.get("rule", self.rule).capabilities.get("models")
+        rules = model_entry.capabilities.get("rules")
+        if (models and self.model not in models) or (rules and self.rule not in rules):
+            raise IncompatibleError(f"rule '{self.rule}' cannot train model '{self.model}'; "
+                                    f"the rule trains models {models or 'of any kind'}, the "
+                                    f"model is trained by rules {rules or 'of any kind'}")
         if model_entry.capabilities.get("conv") and not rule.capabilities.supports_conv:
             raise IncompatibleError(f"rule '{self.rule}' does not support conv layers, and model "
                                     f"'{self.model}' has them; use an mlp model")

@@ -11,6 +11,7 @@ from typing import Any
 from nnarena.data import DataBundle
 from nnarena.models import cnn as cnn
 from nnarena.models import mlp as mlp
+from nnarena.models import noprop as noprop
 from nnarena.models import physical as physical
 from nnarena.models import resnet as resnet
 from nnarena.models import rnn as rnn

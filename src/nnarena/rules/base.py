@@ -86,6 +86,10 @@ class LearningRule(ABC):
                 f"rule '{self.name}' needs a Blocks model (model.blocks + model.head), got "
                 f"{type(model).__name__}; build it with nnarena.models"
             )
+        trained_by = getattr(model, "trained_by", None)  # a model only some rules can train
+        if trained_by is not None and self.name not in trained_by:
+            raise IncompatibleError(f"rule '{self.name}' cannot train a {type(model).__name__}; "
+                                    f"rules that can: {', '.join(trained_by)}")
         has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         if has_conv and not self.capabilities.supports_conv:
             raise IncompatibleError(f"rule '{self.name}' does not support conv layers; "
