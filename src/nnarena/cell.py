@@ -23,6 +23,7 @@ from nnarena.errors import ConfigError, IncompatibleError
 from nnarena.models import build
 from nnarena.registry import REGISTRY, closest, coerce
 from nnarena.rules import LearningRule, create_rule
+from nnarena.sparsity import Sparsifier, create_sparsifier
 from nnarena.train import Callback, FitResult, JsonlLogger, Trainer
 
 __all__ = ["Cell", "run_cell"]
@@ -31,7 +32,8 @@ __all__ = ["Cell", "run_cell"]
 TRAINER_KEYS = tuple(p for p in inspect.signature(Trainer).parameters
                      if p not in ("rule", "callbacks", "seed"))
 _TRAINER_HINTS = typing.get_type_hints(Trainer.__init__)
-_PREFIXES = {"data": "dataset_kwargs", "model": "model_kwargs", "rule": "rule_kwargs"}
+_PREFIXES = {"data": "dataset_kwargs", "model": "model_kwargs", "rule": "rule_kwargs",
+             "sparsity": "sparsity_kwargs"}
 
 
 class Cell(BaseModel):
@@ -72,12 +74,11 @@ class Cell(BaseModel):
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
                 raise ConfigError(f"trainer has no setting '{key}'{hint}; "
                                   f"accepted: {', '.join(TRAINER_KEYS)}")
-        if self.sparsity != "none":
-            valid = ["none", *(REGISTRY.names("sparsity") if "sparsity" in REGISTRY.families()
-                               else [])]
-            if self.sparsity not in valid:
-                raise ConfigError(f"unknown sparsity '{self.sparsity}'; valid: {', '.join(valid)}")
+        sparsifier = self.sparsifier()
         rule = create_rule(self.rule, **self.rule_kwargs)
+        if sparsifier is not None and rule.capabilities.closed_form:
+            raise IncompatibleError(f"sparsity '{self.sparsity}' prunes around gradient steps; "
+                                    f"rule '{self.rule}' is closed-form")
         if rule.capabilities.needs_blocks and not model_entry.capabilities.get("blocks", True):
             raise IncompatibleError(f"rule '{self.rule}' needs a model made of blocks, and model "
                                     f"'{self.model}' is not; use one of nnarena's builders")
@@ -99,11 +100,21 @@ class Cell(BaseModel):
         trainer = Trainer(rule, seed=self.seed, **self.trainer)
         return rule, trainer
 
+    def sparsifier(self) -> Sparsifier | None:
+        """The cell's sparsity method as a trainer callback (``None`` for ``none``)."""
+        if self.sparsity == "none":
+            if self.sparsity_kwargs:
+                raise ConfigError("sparsity_kwargs given but sparsity is 'none'; name a method: "
+                                  f"{', '.join(REGISTRY.names('sparsity'))}")
+            return None
+        return create_sparsifier(self.sparsity, **self.sparsity_kwargs)
+
     def with_overrides(self, overrides: dict[str, Any]) -> Cell:
         """A copy with ``key=value`` settings applied; string values are coerced to the types.
 
         Bare keys are trainer settings (``lr``, ``batch_size`` ...); ``data.KEY``, ``model.KEY``,
-        ``layer.KEY`` and ``rule.KEY`` go to the dataset, model builder, layers and rule.
+        ``layer.KEY``, ``rule.KEY`` and ``sparsity.KEY`` go to the dataset, model builder,
+        layers, rule and sparsity method.
 
         Raises:
             ConfigError: an unknown prefix or trainer key, or a value of the wrong type.
@@ -119,7 +130,7 @@ class Cell(BaseModel):
                 fields[_PREFIXES[prefix]][name] = value
             elif dot:
                 raise ConfigError(f"setting '{key}': unknown prefix '{prefix}'; use data., "
-                                  "model., layer., rule. or a bare trainer key")
+                                  "model., layer., rule., sparsity. or a bare trainer key")
             elif key in TRAINER_KEYS:
                 trainer[key] = coerce(value, _TRAINER_HINTS.get(key, Parameter.empty),
                                       where=f"trainer {key}")
@@ -143,6 +154,8 @@ class Cell(BaseModel):
             "rule_kwargs": REGISTRY.get("rule", self.rule).coerce_kwargs(fields["rule_kwargs"]),
             "dataset_kwargs": REGISTRY.get("dataset", self.dataset.partition(":")[0])
             .coerce_kwargs(fields["dataset_kwargs"]),
+            "sparsity_kwargs": fields["sparsity_kwargs"] if self.sparsity == "none"
+            else REGISTRY.get("sparsity", self.sparsity).coerce_kwargs(fields["sparsity_kwargs"]),
         })
 
 
@@ -168,7 +181,8 @@ def run_cell(
         write_json(out / "config.json", {"cell": cell.model_dump(), "data": bundle.summary(),
                                          "versions": _versions()})
         callbacks = [*callbacks, JsonlLogger(out / "metrics.jsonl")]
-    trainer.callbacks = list(callbacks)
+    sparsifier = cell.sparsifier()
+    trainer.callbacks = [*callbacks, *([sparsifier] if sparsifier else [])]
     try:
         result = trainer.fit(model, bundle)
     except Exception as err:  # a failing run is a result, not the end of a sweep

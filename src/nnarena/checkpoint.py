@@ -12,6 +12,7 @@ from torch import nn
 
 from nnarena.errors import DataError
 from nnarena.rules import LearningRule
+from nnarena.sparsity.masks import add_masks_for_state
 
 __all__ = ["load_weights", "save_weights", "write_json"]
 
@@ -34,7 +35,9 @@ def load_weights(path: str | Path, model: nn.Module, rule: LearningRule | None =
         tensors = load_file(str(path))
     except Exception as err:
         raise DataError(f"{path}: not a safetensors file ({err})") from err
-    model.load_state_dict(_strip(tensors, "model."))
+    state = _strip(tensors, "model.")
+    add_masks_for_state(model, state)
+    model.load_state_dict(state)
     if rule is not None:
         rule.load_state_dict(_strip(tensors, "rule."))
 

@@ -52,12 +52,16 @@ _FILLED = {"input_shape", "n_outputs", "in_features", "out_features", "params", 
 def train(
     overrides: Annotated[list[str] | None, typer.Argument(
         help="key=value settings: trainer keys (lr, optimizer, batch_size, schedule, ...) or "
-             "data.KEY, model.KEY, layer.KEY, rule.KEY.", show_default=False)] = None,
+             "data.KEY, model.KEY, layer.KEY, rule.KEY, sparsity.KEY.",
+        show_default=False)] = None,
     dataset: Annotated[str, typer.Option(help="Dataset name (see `nnarena list dataset`).")
                        ] = "mnist1d",
     model: Annotated[str, typer.Option(help="Model name (see `nnarena list model`).")] = "mlp",
     rule: Annotated[str, typer.Option(help="Learning rule (see `nnarena list rule`).")
                     ] = "backprop",
+    sparsity: Annotated[str, typer.Option(
+        help="Sparsity method (see `nnarena list sparsity`); its options as sparsity.KEY=...")
+                        ] = "none",
     epochs: Annotated[float | None, typer.Option(help="Budget in epochs (default 10).")] = None,
     samples: Annotated[int | None, typer.Option(help="Budget in training samples.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data split, init and batch order.")] = 0,
@@ -67,13 +71,14 @@ def train(
 ) -> None:
     """Train one model with one learning rule and print its metrics."""
     try:
-        cell = _cell_from_args(dataset, model, rule, epochs, samples, seed, overrides or [])
+        cell = _cell_from_args(dataset, model, rule, sparsity, epochs, samples, seed,
+                               overrides or [])
         cell.check()
     except NNArenaError as err:
         _fail(err)
     folder = out or Path("runs") / "train" / (
         f"{time.strftime('%Y%m%d-%H%M%S')}-{dataset.replace(':', '_').replace('/', '_')}"
-        f"-{model}-{rule}-s{seed}")
+        f"-{model}-{rule}{'' if sparsity == 'none' else '-' + sparsity}-s{seed}")
     try:
         result = run_cell(cell, out_dir=folder, callbacks=[default_progress()])
     except NNArenaError as err:
@@ -87,7 +92,7 @@ def train(
         raise typer.Exit(1)
 
 
-def _cell_from_args(dataset: str, model: str, rule: str, epochs: float | None,
+def _cell_from_args(dataset: str, model: str, rule: str, sparsity: str, epochs: float | None,
                     samples: int | None, seed: int, overrides: list[str]) -> Cell:
     settings: dict[str, Any] = {}
     for item in overrides:
@@ -96,14 +101,15 @@ def _cell_from_args(dataset: str, model: str, rule: str, epochs: float | None,
             raise ConfigError(f"setting '{item}' is not key=value (e.g. lr=0.01, model.width=128)")
         settings[key] = value
     budget = {k: v for k, v in (("epochs", epochs), ("samples", samples)) if v is not None}
-    cell = Cell(dataset=dataset, model=model, rule=rule, seed=seed)
+    cell = Cell(dataset=dataset, model=model, rule=rule, sparsity=sparsity, seed=seed)
     cell = cell.with_overrides(settings)
     return cell.model_copy(update={"trainer": {**cell.trainer, **budget}})
 
 
 def _print_result(cell: Cell, status: str, reason: str, metrics: dict[str, Any],
                   folder: Path) -> None:
-    title = f"{cell.dataset} · {cell.model} · {cell.rule} · seed {cell.seed}"
+    pruned = "" if cell.sparsity == "none" else f" · {cell.sparsity}"
+    title = f"{cell.dataset} · {cell.model} · {cell.rule}{pruned} · seed {cell.seed}"
     table = Table("metric", "value", title=title)
     table.add_row("status", status + (f" ({reason})" if reason else ""))
     for key, value in metrics.items():

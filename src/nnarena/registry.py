@@ -46,6 +46,7 @@ _FAMILY_MODULES = (
     "nnarena.layers",
     "nnarena.models",
     "nnarena.rules",
+    "nnarena.sparsity",
     "nnarena.train.optim",
 )
 _MISSING = inspect.Parameter.empty

@@ -56,6 +56,8 @@ def _row(dataset: str, metric: str, model: str, rule: str, sparsity: str, baseli
         "params_total": params, "params_nonzero": params // 2 if sparsity == "50%" else params,
         "flops_per_sample": 2.0 * params, "inference_seconds": 0.001 * (1 + seed),
         "samples_per_second": 1000.0 / seconds,
+        **({"sparsity": 0.5, "sparse_inference_seconds": 0.0005 * (1 + seed)}
+           if sparsity == "50%" else {}),
     }
     history = [] if status == "failed" else [
         {"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, f"val_{metric}": value * e / 2,
@@ -304,3 +306,15 @@ def test_html_renders_in_headless_chromium(tmp_path) -> None:
                      for g in summarize(rows)]
     assert any(XSS in cells for cells in shown)  # shown as text: the page's script is the only one
     assert dom.count("<script") == 1
+
+
+def test_sparsity_columns_show_measured_zeros_beside_measured_latency(report_rows) -> None:
+    md = render(report_rows, "md", title="t", budget="b")
+    header = next(line for line in md.splitlines() if line.startswith("| dataset"))
+    assert "| zeros |" in header and "| sparse speed-up |" in header
+    pruned = next(line for line in md.splitlines() if "| 50% |" in line)
+    assert "50.0%" in pruned and "2.00x" in pruned  # dense 1-3 ms vs sparse 0.5-1.5 ms
+    dense_only = [r for r in report_rows if r["sparsity"] != "50%"]
+    for fmt, column in (("md", "| zeros |"), ("table", "zeros"), ("html", "<th>zeros</th>")):
+        assert column in render(report_rows, fmt, title="t", budget="b")
+        assert column not in render(dense_only, fmt, title="t", budget="b")

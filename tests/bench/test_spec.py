@@ -92,7 +92,8 @@ def test_labels_and_kwargs_make_distinct_groups(write_suite) -> None:
     ({"trainer": {"batchsize": 3}}, r"trainer has no setting 'batchsize' \(did you mean "
                                     r"'batch_size'"),
     ({"optimizer": "adm"}, r"optimizer: unknown optimizer 'adm' \(did you mean 'adam'"),
-    ({"sparsity": ["magnitude"]}, r"sparsity\[0\]: unknown sparsity 'magnitude'; valid: none"),
+    ({"sparsity": ["magnitude"]},
+     r"sparsity\[0\]: unknown sparsity 'magnitude' \(did you mean 'global-magnitude'"),
     ({"bogus": 1}, r"field 'bogus': Extra inputs are not permitted"),
     ({"name": "Bad Name"}, r"field 'name': String should match pattern"),
     ({"models": ["linear", "linear"]}, r"models: duplicate label 'linear'"),

@@ -305,8 +305,12 @@ def _check_components(suite: Suite) -> None:
             except NNArenaError as err:
                 raise SuiteError(f"{axis}s[{i}]: {err}") from None
     for i, comp in enumerate(suite.sparsity):
-        if comp.name != "none" and "sparsity" not in REGISTRY.families():
-            raise SuiteError(f"sparsity[{i}]: unknown sparsity '{comp.name}'; valid: none")
+        if comp.name == "none":
+            continue
+        try:
+            REGISTRY.get("sparsity", comp.name).check_kwargs(comp.kwargs)
+        except NNArenaError as err:
+            raise SuiteError(f"sparsity[{i}]: {err}") from None
     budget_keys = _BUDGET_KEYS & set(suite.trainer)
     if budget_keys:
         raise SuiteError(f"trainer.{sorted(budget_keys)[0]}: the budget is set once, under "

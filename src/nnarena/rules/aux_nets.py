@@ -339,8 +339,9 @@ class _MomentumAux(Auxiliary):
                  momentum: float) -> None:
         super().__init__(head)
         self.shifted = copy.deepcopy(source).requires_grad_(True)
+        self.names = list(_by_plain_name(source))
         self.ema = nn.ParameterList(nn.Parameter(p.detach().clone(), requires_grad=False)
-                                    for p in source.parameters())
+                                    for p in _by_plain_name(source).values())
         self.source_index = source_index
         self.momentum = momentum
 
@@ -351,12 +352,18 @@ class _MomentumAux(Auxiliary):
     @override
     def after_step(self, model: Blocks) -> None:
         source = model.head if self.source_index is None else model.blocks[self.source_index]
+        params, shifted = _by_plain_name(source), _by_plain_name(self.shifted)
         with torch.no_grad():
-            for ema, shifted, p in zip(self.ema, self.shifted.parameters(), source.parameters(),
-                                       strict=True):
-                move = (p - ema) * (1 - self.momentum)  # ema <- m * ema + (1 - m) * p
+            for name, ema in zip(self.names, self.ema, strict=True):
+                move = (params[name] - ema) * (1 - self.momentum)  # ema <- m ema + (1 - m) p
                 ema.add_(move)
-                shifted.add_(move)
+                shifted[name].add_(move)
+
+
+def _by_plain_name(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters by name, a parametrized one (e.g. a sparsity mask's) by its original's."""
+    return {n.replace("parametrizations.", "").removesuffix(".original"): p
+            for n, p in module.named_parameters()}
 
 
 class MomentumNets(AuxBuilder):

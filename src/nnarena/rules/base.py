@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from nnarena.errors import IncompatibleError
 from nnarena.layers import BlackBox
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from nnarena.data import DataBundle
     from nnarena.train.trainer import Trainer
 
-__all__ = ["LearningRule", "RuleCapabilities"]
+__all__ = ["LearningRule", "RuleCapabilities", "set_grad"]
 
 Task = Literal["classification", "regression"]
 
@@ -132,3 +133,16 @@ class LearningRule(ABC):
     def fit(self, trainer: Trainer, model: nn.Module, data: DataBundle) -> dict[str, Any]:
         """Train without a gradient loop (only for ``capabilities.closed_form`` rules)."""
         raise NotImplementedError(f"rule '{self.name}' trains through step(), not fit()")
+
+
+def set_grad(module: nn.Module, name: str, grad: torch.Tensor) -> None:
+    """Give ``module.<name>`` the gradient ``grad``, for rules that compute updates themselves.
+
+    A parametrized tensor (e.g. under a sparsity mask) is computed from the trained one, so the
+    gradient is back-propagated through the parametrization onto it (``.grad`` accumulates).
+    """
+    if not parametrize.is_parametrized(module, name):
+        getattr(module, name).grad = grad
+        return
+    with torch.enable_grad():
+        getattr(module, name).backward(grad)

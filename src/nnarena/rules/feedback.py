@@ -22,6 +22,7 @@ layers (which carry their own nonlinearity) are rejected rather than left half-c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -41,7 +42,9 @@ __all__ = [
     "FeedbackLinear",
     "FeedbackMode",
     "check_convertible",
+    "conv_with_feedback",
     "convert",
+    "linear_with_feedback",
     "sign_feedback",
 ]
 
@@ -97,16 +100,15 @@ class _Feedback:
 class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                feedback: _Feedback) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.feedback = feedback
+                feedback: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, feedback(weight))
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
+        x, matrix = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad @ ctx.feedback(weight) if need_x else None
+        grad_x = grad @ matrix if need_x else None
         flat = grad.reshape(-1, grad.shape[-1])
         grad_w = flat.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
         grad_b = flat.sum(0) if need_b else None
@@ -116,26 +118,47 @@ class _LinearFn(torch.autograd.Function):
 class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                feedback: _Feedback, stride: tuple[int, ...], padding: tuple[int, ...],
-                dilation: tuple[int, ...], groups: int) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.feedback, ctx.has_bias = feedback, bias is not None
+                feedback: Callable[[torch.Tensor], torch.Tensor], stride: tuple[int, ...],
+                padding: tuple[int, ...], dilation: tuple[int, ...], groups: int
+                ) -> torch.Tensor:
+        ctx.save_for_backward(x, feedback(weight))
+        ctx.has_bias = bias is not None
         ctx.conv = (stride, padding, dilation, groups)
         return torch.convolution(x, weight, bias, stride, padding, dilation, False,
                                  [0] * len(stride), groups)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
+        x, matrix = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # The input gradient of a convolution is linear in the weight it is given and the weight
         # gradient does not depend on it, so one call with B in W's place gives all three.
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x, ctx.feedback(weight) if need_x else weight,
-            [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
-            [0] * len(stride), groups, [need_x, need_w, need_b and ctx.has_bias])
+            grad, x, matrix, [matrix.shape[0]] if ctx.has_bias else None, stride, padding,
+            dilation, False, [0] * len(stride), groups, [need_x, need_w, need_b and ctx.has_bias])
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def linear_with_feedback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         feedback: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose input gradient is ``grad @ feedback(weight)``; the
+    weight and bias gradients are the true ones. ``feedback`` runs once, in the forward."""
+    return _LinearFn.apply(x, weight, bias, feedback)
+
+
+def conv_with_feedback(conv: nn.modules.conv._ConvNd, x: torch.Tensor,
+                       feedback: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``conv(x)`` whose input gradient uses ``feedback(conv.weight)`` in the weight's place;
+    the weight and bias gradients are the true ones."""
+    padding = conv.padding
+    if conv.padding_mode != "zeros" or isinstance(padding, str):
+        # as nn.ConvNd does for these paddings: pad explicitly, then convolve unpadded
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(conv.kernel_size)
+    return _ConvFn.apply(x, conv.weight, conv.bias, feedback, conv.stride, padding,
+                         conv.dilation, conv.groups)
 
 
 class FeedbackLayer:
@@ -148,19 +171,12 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
     """``nn.Linear`` whose input gradient is ``grad @ B``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LinearFn.apply(x, self.weight, self.bias, self.feedback)
+        return linear_with_feedback(x, self.weight, self.bias, self.feedback)
 
 
 class _FeedbackConv(FeedbackLayer, nn.modules.conv._ConvNd):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros" or isinstance(padding, str):
-            # as nn.ConvNd does for these paddings: pad explicitly, then convolve unpadded
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
-            padding = (0,) * len(self.kernel_size)
-        return _ConvFn.apply(x, self.weight, self.bias, self.feedback, self.stride, padding,
-                             self.dilation, self.groups)
+        return conv_with_feedback(self, x, self.feedback)
 
 
 class FeedbackConv1d(_FeedbackConv, nn.Conv1d):

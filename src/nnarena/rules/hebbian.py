@@ -34,7 +34,7 @@ from typing_extensions import override
 from nnarena.errors import ConfigError, IncompatibleError
 from nnarena.models import Blocks
 from nnarena.registry import register
-from nnarena.rules.base import LearningRule, RuleCapabilities
+from nnarena.rules.base import LearningRule, RuleCapabilities, set_grad
 from nnarena.rules.blockwise import run_blockwise
 
 __all__ = ["SoftHebb", "softhebb_update"]
@@ -95,8 +95,9 @@ class SoftHebb(LearningRule):
         inputs: list[torch.Tensor] = []  # each linear layer's input, then the head's
 
         def hebbian(index: int, _out: torch.Tensor) -> None:
-            w = linears[index].weight
-            w.grad = -softhebb_update(w.detach(), inputs[index], self.temperature)
+            update = softhebb_update(linears[index].weight.detach(), inputs[index],
+                                     self.temperature)
+            set_grad(linears[index], "weight", -update)
 
         def readout(_out: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():  # the head's graph only: the blocks ran without one

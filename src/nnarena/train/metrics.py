@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
@@ -55,13 +56,21 @@ def evaluate(rule: LearningRule, model: nn.Module, split: Split, batch_size: int
     return metrics
 
 
+@torch.no_grad()
 def count_params(model: nn.Module) -> dict[str, int]:
-    """Total, trainable and nonzero parameter counts."""
+    """Total, trainable and nonzero parameter counts; a parametrized tensor (e.g. under a
+    sparsity mask) counts by its effective value."""
     params = list(model.parameters())
+    nonzero = sum(torch.count_nonzero(p).item() for p in params)
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name, plist in module.parametrizations.items():
+                nonzero += torch.count_nonzero(getattr(module, name)).item()
+                nonzero -= torch.count_nonzero(plist.original).item()
     return {
         "params_total": sum(p.numel() for p in params),
         "params_trainable": sum(p.numel() for p in params if p.requires_grad),
-        "params_nonzero": int(sum(torch.count_nonzero(p).item() for p in params)),
+        "params_nonzero": int(nonzero),
     }
 
 

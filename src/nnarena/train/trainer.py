@@ -120,6 +120,9 @@ class Trainer:
         self.measure = measure
         self.val_every = val_every
         self.hook_seconds: dict[str, float] = {}
+        self.data: DataBundle | None = None  # the data of the current fit (for callbacks)
+        self.probe: torch.Tensor | None = None  # the test inputs latency is measured on
+        self.optimizer: torch.optim.Optimizer | None = None  # of the current fit
         self.total_steps = 0
         self.step = 0
         self.epoch = 0
@@ -128,6 +131,7 @@ class Trainer:
         """Train ``model`` on ``data.train`` within the budget and return status and metrics."""
         torch.manual_seed(self.seed)
         rule = self.rule
+        self.data = data
         model.to(self.device)
         rule.configure(data.task)
         rule.check(model)
@@ -138,12 +142,12 @@ class Trainer:
         rule.to(self.device)
         params = rule.parameters(model)
         optimizer = create_optimizer(self.optimizer_name, params, **self.optimizer_kwargs)
-        base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.optimizer = optimizer
         steps_per_epoch = math.ceil(n / self.batch_size)
         budget_steps = self._budget_steps(steps_per_epoch)
         self.total_steps = budget_steps or _NOMINAL_STEPS
         multiplier = create_schedule(self.schedule, self.total_steps, self.warmup_steps)
-        _scale_lr(optimizer, base_lrs, multiplier(0))
+        _scale_lr(optimizer, multiplier(0))
         # Rule state (feedback matrices, EMA copies) exists whether or not a graph does.
         meter = M.SavedActivationMeter(model, [*rule.owned.parameters(), *rule.owned.buffers()])
         generator = torch.Generator().manual_seed(self.seed)
@@ -187,7 +191,7 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 position = self.step if budget_steps else int(
                     _NOMINAL_STEPS * min(elapsed / self.seconds, 1.0))
-                _scale_lr(optimizer, base_lrs, multiplier(position))
+                _scale_lr(optimizer, multiplier(position))
                 loss_sum += loss
                 batches += 1
                 self._dispatch("on_step_end", model, logs)
@@ -245,7 +249,7 @@ class Trainer:
             rule_params=sum(p.numel() for p in rule.owned.parameters()),
         )
         if self.measure:
-            probe = data.test.x[:256].to(self.device)
+            self.probe = probe = data.test.x[:256].to(self.device)
             out.update(
                 peak_saved_activation_bytes=meter.peak,
                 flops_per_sample=M.flops_per_sample(rule, model, probe[:64]),
@@ -265,6 +269,7 @@ class Trainer:
         self.hook_seconds[hook] = self.hook_seconds.get(hook, 0.0) + time.perf_counter() - start
 
 
-def _scale_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], scale: float) -> None:
-    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-        group["lr"] = base * scale
+def _scale_lr(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """Each group's lr = its own base lr (its lr when first seen: callbacks may add groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * scale

@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from nnarena.bench.report.leaderboard import COLUMNS, COMPACT, cells
+from nnarena.bench.report.leaderboard import COLUMNS, COMPACT, cells, columns_for
 from nnarena.bench.report.summary import QUANTITIES, STATUSES, summarize
 
 __all__ = ["FORMATS", "render", "write_report"]
@@ -22,7 +22,8 @@ _CSV_COLUMNS = (
     "group", "dataset", "model", "rule", "sparsity", "is_baseline", "metric", "higher_is_better",
     "n_seeds", "n_measured", *(f"n_{s}" for s in STATUSES),
     *(f"{q}_{stat}" for q in QUANTITIES for stat in ("mean", "std")),
-    "delta_metric", "x_time", "x_memory", "x_params", "x_flops", "pareto_memory", "pareto_time",
+    "delta_metric", "x_time", "x_memory", "x_params", "x_flops", "sparse_speedup",
+    "pareto_memory", "pareto_time",
     "reasons", "params",
 )
 _TABLE_WIDTH = 200
@@ -79,16 +80,17 @@ def _table(groups: list[dict[str, Any]], title: str, budget: str) -> str:
     for dataset in dict.fromkeys(g["dataset"] for g in groups):
         entries = [g for g in groups if g["dataset"] == dataset]
         first = cells(entries[0])
+        columns = columns_for(entries, COMPACT)
         table = Table(title=Text(f"{dataset} · test {first['metric']}"), title_justify="left",
                       caption=Text(f"budget: {budget} · mean ± std over seeds · Δ and × vs the "
                                    "baseline"), caption_justify="left")
-        for column in COMPACT:
+        for column in columns:
             header = f"test {first['metric']}" if column == "test metric" else column
             table.add_column(header, justify="left" if column in _LEFT else "right", no_wrap=True)
         for entry in entries:
             row = cells(entry)
             style = "bold" if entry["is_baseline"] else None if entry["n_measured"] else "red"
-            table.add_row(*(Text(row[c]) for c in COMPACT), style=style)
+            table.add_row(*(Text(row[c]) for c in columns), style=style)
         console.print(table)
         for entry in entries:
             if entry["reasons"]:
@@ -109,14 +111,16 @@ def _csv(groups: list[dict[str, Any]], title: str, budget: str) -> str:
 
 
 def _markdown(groups: list[dict[str, Any]], title: str, budget: str) -> str:
+    columns = columns_for(groups, COLUMNS)
     lines = [f"# {_md(title)}", "", f"**Budget:** {_md(budget)}", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for entry in groups:
         row = cells(entry)
-        lines.append("| " + " | ".join(_md(row[c]) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_md(row[c]) for c in columns) + " |")
     lines += ["", "Mean ± sample std over the seeds that produced metrics; Δ and × compare with "
-              "the dataset's baseline; front: Pareto front of the test metric vs activation "
-              "memory (mem) or train time (time).", ""]
+              "the dataset's baseline; zeros: measured fraction of zero weights, beside the "
+              "measured latency with sparse kernels; front: Pareto front of the test metric vs "
+              "activation memory (mem) or train time (time).", ""]
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from html import escape
 from typing import Any
 
 from nnarena.bench.report import plots
-from nnarena.bench.report.leaderboard import COLUMNS, cells
+from nnarena.bench.report.leaderboard import COLUMNS, cells, columns_for
 
 __all__ = ["render_html"]
 
@@ -81,20 +81,23 @@ def render_html(groups: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
 
 
 def _leaderboard(groups: Sequence[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{escape(c)}</th>" for c in COLUMNS)
+    columns = columns_for(list(groups), COLUMNS)
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = []
     for entry in groups:
         row = cells(entry)
         classes = " ".join(c for c, on in (("baseline", entry["is_baseline"]),
                                            ("failed", not entry["n_measured"])) if on)
-        tds = "".join(f'<td class="{_cell_class(c)}">{escape(row[c])}</td>' for c in COLUMNS)
+        tds = "".join(f'<td class="{_cell_class(c)}">{escape(row[c])}</td>' for c in columns)
         body.append(f'<tr class="{classes}">{tds}</tr>')
     return (
         '<section><h2>Leaderboard</h2>\n<p class="note">Mean ± sample standard deviation over '
         "the seeds that produced metrics (failed runs excluded). Δ and × compare with the "
         "dataset's baseline group (Δ is the raw metric difference; ↑/↓ marks which direction is "
-        "better; × params counts nonzero parameters). Front: on the Pareto front of the test "
-        "metric vs peak saved-activation memory (mem) or train time (time).</p>\n"
+        "better; × params counts nonzero parameters; zeros is the measured fraction of zero "
+        "weights and sparse speed-up the group's dense over sparse-kernel inference time). "
+        "Front: on the Pareto front of the test metric vs peak saved-activation memory (mem) "
+        "or train time (time).</p>\n"
         f'<div class="scroll"><table id="leaderboard"><thead><tr>{head}</tr></thead>\n'
         f"<tbody>\n{chr(10).join(body)}\n</tbody></table></div></section>"
     )

@@ -7,16 +7,26 @@ from typing import Any
 from nnarena.bench.report import units
 from nnarena.bench.report.summary import STATUSES
 
-__all__ = ["COLUMNS", "COMPACT", "cells", "runs_cell"]
+__all__ = ["COLUMNS", "COMPACT", "SPARSITY_COLUMNS", "cells", "columns_for", "runs_cell"]
 
 COLUMNS = (
     "dataset", "model", "rule", "sparsity", "runs", "metric", "test metric", "Δ base",
-    "train time", "× time", "act. memory", "× mem", "params ≠0", "× params", "FLOPs/sample",
-    "× FLOPs", "inference", "samples/s", "front", "notes",
+    "train time", "× time", "act. memory", "× mem", "params ≠0", "× params", "zeros",
+    "FLOPs/sample", "× FLOPs", "inference", "sparse inference", "sparse speed-up", "samples/s",
+    "front", "notes",
 )
 # The text table: one per dataset (no dataset and metric columns), notes printed below it.
 COMPACT = tuple(c for c in COLUMNS if c not in ("dataset", "metric", "params ≠0", "FLOPs/sample",
-                                                "samples/s", "notes"))
+                                                "sparse inference", "samples/s", "notes"))
+# Shown only where some group is pruned: measured zeros, with measured latency beside them.
+SPARSITY_COLUMNS = ("zeros", "sparse inference", "sparse speed-up")
+
+
+def columns_for(entries: list[dict[str, Any]], columns: tuple[str, ...]) -> tuple[str, ...]:
+    """``columns`` without the sparsity ones when no entry has a sparsity method."""
+    if any(e["sparsity"] != "none" for e in entries):
+        return columns
+    return tuple(c for c in columns if c not in SPARSITY_COLUMNS)
 
 
 def cells(entry: dict[str, Any]) -> dict[str, str]:
@@ -43,9 +53,12 @@ def cells(entry: dict[str, Any]) -> dict[str, str]:
         "× mem": units.ratio(entry["x_memory"]),
         "params ≠0": units.count(entry["params_nonzero_mean"]),
         "× params": units.ratio(entry["x_params"]),
+        "zeros": units.percent(entry["sparsity_mean"]),
         "FLOPs/sample": units.count(entry["flops_per_sample_mean"]),
         "× FLOPs": units.ratio(entry["x_flops"]),
         "inference": units.seconds(entry["inference_seconds_mean"]),
+        "sparse inference": units.seconds(entry["sparse_inference_seconds_mean"]),
+        "sparse speed-up": units.ratio(entry["sparse_speedup"]),
         "samples/s": units.count(entry["samples_per_second_mean"]),
         "front": " ".join(front),
         "notes": "; ".join(entry["reasons"]),

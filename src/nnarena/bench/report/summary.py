@@ -18,6 +18,8 @@ QUANTITIES = (
     "flops_per_sample",
     "inference_seconds",
     "samples_per_second",
+    "sparsity",
+    "sparse_inference_seconds",
 )
 LOWER_IS_BETTER = frozenset({"rmse"})
 _RATIOS = {
@@ -41,6 +43,7 @@ def summarize(rows: Iterable[Row]) -> list[dict[str, Any]]:
     fields compare with the dataset's first baseline group (``None`` without one):
     ``delta_metric`` is the raw difference of mean test metrics (``higher_is_better`` gives its
     direction) and ``x_*`` are ratios of means (``x_params`` of nonzero parameters).
+    ``sparse_speedup`` is the group's own dense over sparse-kernel inference time.
     ``pareto_memory`` / ``pareto_time`` mark groups no other group of their dataset beats on the
     metric without more peak saved-activation memory / train time.
 
@@ -94,6 +97,8 @@ def _group(runs: list[Row], metric: str | None) -> dict[str, Any]:
         mean, std = _mean_std([r["metrics"][key] for r in measured
                                if r["metrics"].get(key) is not None])
         entry[f"{name}_mean"], entry[f"{name}_std"] = mean, std
+    dense, sparse = entry["inference_seconds_mean"], entry["sparse_inference_seconds_mean"]
+    entry["sparse_speedup"] = dense / sparse if dense and sparse else None
     return entry
 
 

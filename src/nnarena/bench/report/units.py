@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["DASH", "count", "delta", "metric", "nbytes", "ratio", "scale", "seconds"]
+__all__ = ["DASH", "count", "delta", "metric", "nbytes", "percent", "ratio", "scale", "seconds"]
 
 DASH = "—"
 _BYTES = ((2.0**30, " GiB"), (2.0**20, " MiB"), (2.0**10, " KiB"), (1.0, " B"))
@@ -38,6 +38,13 @@ def ratio(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return _bad(value)
     return f"{value:,.0f}x" if abs(value) >= 100 else f"{value:.2f}x"
+
+
+def percent(value: float | None) -> str:
+    """A fraction as ``90.0%``."""
+    if value is None or not math.isfinite(value):
+        return _bad(value)
+    return f"{100 * value:.1f}%"
 
 
 def delta(value: float | None) -> str:

@@ -37,6 +37,7 @@ class KANLayer(nn.Module, ABC):
     """
 
     nonlinear = True  # builders add no activation after a KAN layer
+    sparse_params = ("coef", "base_weight")  # the tensors sparsity masks apply to
 
     def __init__(self, in_features: int, out_features: int, n_basis: int, *,
                  base_activation: str | None = "silu", bias: bool = True,

@@ -42,6 +42,7 @@ class KANConv(nn.Module):
     """
 
     nonlinear = True
+    sparse_params = ("weight", "base_weight")  # the tensors sparsity masks apply to
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                  layer_cls: type[KANLayer], dim: int = 2, stride: int = 1, padding: int = 0,
