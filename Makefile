@@ -18,10 +18,12 @@ run: $(STAMP)
 	$(BIN)/nnarena bench run quick --workers 2
 
 # The scale-out and browser tests need PostgreSQL and Chromium: installed and started here.
-# Passive OpenMP waits keep the two torch threads from spinning when the machine is shared.
+# Passive OpenMP waits keep the two torch threads from spinning when the machine is shared;
+# cached bytecode spares the many worker processes the tests start from recompiling nnarena.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	OMP_WAIT_POLICY=PASSIVE NNARENA_TEST_POSTGRES="$$(bash scripts/test-services.sh)" $(BIN)/pytest
+	OMP_WAIT_POLICY=PASSIVE NNARENA_TEST_POSTGRES="$$(bash scripts/test-services.sh)" \
+		env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

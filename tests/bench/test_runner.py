@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,21 +135,21 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(write_suite, tmp_path) -> Non
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     storage = f"sqlite:///{(runs / suite.name / 'arena.db').resolve()}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.2)
-        try:
-            if finished_trials(_study(suite, storage)):
-                break
-        except Exception:
-            continue
+    assert proc.stderr is not None
+    seen = []
+    for line in iter(proc.stderr.readline, b""):  # the progress lines, one per change
+        seen.append(line)
+        if re.search(rb": [1-9]\d*/\d+ cells", line):  # a cell finished: Ctrl-C now
+            break
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err.decode()[-2000:]
-    assert "interrupted: finished cells are saved" in err.decode()
-    assert "Traceback" not in err.decode()
+    _, rest = proc.communicate(timeout=120)
+    err = b"".join(seen).decode() + rest.decode()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: finished cells are saved" in err
+    assert "Traceback" not in err
     done = {t.user_attrs["key"] for t in finished_trials(_study(suite, storage))}
     assert 1 <= len(done) < len(plan(suite))
-    rows = run_suite(suite, storage=storage, runs_dir=runs)
+    # the interrupted cell is retried once its heartbeat is stale (3 heartbeats)
+    rows = run_suite(suite, storage=storage, runs_dir=runs, heartbeat=1)
     assert len(rows) == len(plan(suite))
     _assert_each_cell_finished_once(suite, storage)

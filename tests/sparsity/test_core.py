@@ -215,8 +215,8 @@ def test_cell_errors_name_the_cause() -> None:
 @pytest.mark.slow
 def test_mnist5k_global_magnitude_keeps_accuracy_and_beats_layerwise_at_95(
         mnist5k_dense: list[float], mnist5k_accuracies: Callable[..., list[float]]) -> None:
-    """mnist5k MLP 784-256-256-10, 15 epochs, Adam 1e-3, seeds 0-2: gradual global magnitude
-    at 80% within 1 point of dense; at 95% better than layer-wise uniform magnitude."""
+    """mnist5k MLP 784-256-256-10, seeds 0-2: gradual global magnitude at 80% within 1 point of
+    dense; at 95% better than layer-wise uniform magnitude."""
     assert fmean(mnist5k_accuracies("global-magnitude", sparsity=0.8)) >= fmean(
         mnist5k_dense) - 0.01
     assert fmean(mnist5k_accuracies("global-magnitude", sparsity=0.95)) > fmean(
