@@ -18,12 +18,14 @@ run: $(STAMP)
 	$(BIN)/nnarena bench run quick --workers 2
 
 # The scale-out and browser tests need PostgreSQL and Chromium: installed and started here.
-# Passive OpenMP waits keep the two torch threads from spinning when the machine is shared;
-# cached bytecode spares the many worker processes the tests start from recompiling nnarena.
+# Two pytest workers of one torch thread each: the arena tests spend much of their time waiting
+# on worker processes, so the other worker computes meanwhile (about half the wall time). Passive
+# OpenMP waits keep threads from spinning when the machine is shared; cached bytecode spares the
+# many processes the tests start from recompiling nnarena.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	OMP_WAIT_POLICY=PASSIVE NNARENA_TEST_POSTGRES="$$(bash scripts/test-services.sh)" \
-		env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest
+		env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from nnarena.data import DataBundle, make_bundle
 
-torch.set_num_threads(2)
+# Two threads (the CI machine has two cores), or one per worker when pytest-xdist runs two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)

@@ -132,8 +132,11 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(write_suite, tmp_path) -> Non
     suite = load_suite(path)
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "nnarena", "bench", "run", str(path), "--runs-dir", str(runs)]
+    # SIGINT back to its default: a shell starting this test in the background ignores it, and
+    # Python then installs no KeyboardInterrupt handler in the child.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     storage = f"sqlite:///{(runs / suite.name / 'arena.db').resolve()}"
     assert proc.stderr is not None
     seen = []
